@@ -1,0 +1,1 @@
+"""timm model files for AFT vision backbones; importing this package registers them."""
