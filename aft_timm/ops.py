@@ -1,0 +1,465 @@
+"""Functional Attention Free Transformer (AFT) operators.
+
+Every operator evaluates, for each channel c of each position t,
+
+    y[t, c] = sigmoid(q[t, c]) * sum_{t'} exp(k[t', c] + b(t, t')) v[t', c] / sum_{t'} exp(k[t', c] + b(t, t'))
+
+over all t' (or t' <= t when ``causal``), with the position bias b of the variant (Zhai et al., 2021, Eq. 2-6).
+Inputs are batch-first; ``q`` is the raw query (the sigmoid is applied here). float16 and bfloat16 inputs are
+accepted: exponentials are taken in float32 and the output has the input dtype.
+
+How the operators stay exact, stable and linear in memory:
+
+* Constants that depend only on (t, channel) cancel in the ratio, so keys are shifted by a maximum and each bias row
+  by its maximum before ``exp``.
+* The sum over t' splits into a global part with weight ``exp(-r_t)`` for every key plus a band correction
+  ``expm1(b) * exp(-r_t)`` where the bias is defined (Eq. 4). The band is evaluated on chunks of C positions as a few
+  batch-free (C x C) weight blocks per chunk lag times the exponentiated keys: batched matmuls, memory O(T (s + C)).
+* Causal mode uses each position's own running maximum of the keys. Keys of earlier chunks are exact relative to
+  their chunk maximum (never above the running maximum). Within a chunk, where a later key may dwarf every visible
+  one, the (C x C) block is evaluated in float64, whose range covers key spreads of several hundred.
+"""
+from typing import List, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["aft_full", "aft_local", "aft_simple", "aft_conv1d", "aft_conv2d", "PositionBias"]
+
+PositionBias = Union[Tensor, Tuple[Tensor, Tensor]]
+"""A dense (T, T) bias, or a pair (u, v) of (T, d') factors standing for u @ v.T."""
+
+_MAX_CHUNKS = 256
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _shape(x: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in x.shape) + ")"
+
+
+def _check_tensor(name: str, x, ndim: int, expected: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have shape {expected}, got {_shape(x)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tuple[int, int, int]:
+    _check_tensor("q", q, 3, "(B, T, D)")
+    B, T, D = q.shape
+    for name, x in (("k", k), ("v", v)):
+        _check_tensor(name, x, 3, f"(B, T, D) = ({B}, {T}, {D}) like q")
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have shape ({B}, {T}, {D}) like q, got {_shape(x)}")
+    if T == 0:
+        raise ValueError("q, k, v must have at least one position (T >= 1)")
+    return B, T, D
+
+
+def _check_bias(w: PositionBias, T: int) -> None:
+    if isinstance(w, (tuple, list)):
+        if len(w) != 2:
+            raise ValueError(f"w must be a (T, T) tensor or a pair (u, v) of (T, d') factors, got {len(w)} items")
+        u, v = w
+        _check_tensor("w[0] (u)", u, 2, f"({T}, d')")
+        _check_tensor("w[1] (v)", v, 2, f"({T}, d')")
+        if u.shape[0] != T or v.shape != u.shape:
+            raise ValueError(f"w factors must both have shape ({T}, d'), got {_shape(u)} and {_shape(v)}")
+    else:
+        _check_tensor("w", w, 2, f"({T}, {T})")
+        if w.shape != (T, T):
+            raise ValueError(f"w must have shape ({T}, {T}) for T={T} positions, got {_shape(w)}")
+
+
+def _check_window(window) -> int:
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return window
+
+
+def _compute_dtype(*xs: Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the chunked engine
+
+
+def _chunk_size(T: int) -> int:
+    chunk = 64
+    while T > chunk * _MAX_CHUNKS:
+        chunk *= 2
+    return min(chunk, T)
+
+
+def _scale(x: Tensor, s: Tensor) -> Tensor:
+    """Multiply the concatenated [numerator, denominator] channels of x by a per-key-channel scale s."""
+    if s.shape[-1] == 1 or s.shape[-1] == x.shape[-1]:
+        return x * s
+    return (x.unflatten(-1, (2, s.shape[-1])) * s.unsqueeze(-2)).flatten(-2)
+
+
+def _shift_chunks(x: Tensor, lag: int, value: float = 0.0) -> Tensor:
+    """x[..., i - lag, :, :] along the chunk dim (-3), padded with value where i - lag is out of range."""
+    if lag == 0:
+        return x
+    n = x.shape[-3]
+    if abs(lag) >= n:
+        return torch.full_like(x, value)
+    pad = (0, 0, 0, 0, lag, 0) if lag > 0 else (0, 0, 0, 0, 0, -lag)
+    x = F.pad(x, pad, value=value)
+    return x[..., :n, :, :] if lag > 0 else x[..., -lag:, :, :]
+
+
+def _shift(x: Tensor, dim: int, n: int) -> Tensor:
+    """out[i] = x[i - n] along dim, zero where i - n is out of range."""
+    size = x.shape[dim]
+    if abs(n) >= size:
+        return torch.zeros_like(x)
+    if n >= 0:
+        return torch.cat([torch.zeros_like(x.narrow(dim, 0, n)), x.narrow(dim, 0, size - n)], dim=dim)
+    return torch.cat([x.narrow(dim, -n, size + n), torch.zeros_like(x.narrow(dim, 0, -n))], dim=dim)
+
+
+def _band_lags(reach: int, chunk: int, num_chunks: int, causal: bool) -> List[int]:
+    """Chunk lags i - j that hold key chunks j within ``reach`` positions of row chunk i."""
+    if reach <= 0:
+        return [0]
+    p = min(-(-reach // chunk), num_chunks - 1)
+    return list(range(0, p + 1)) if causal else list(range(-p, p + 1))
+
+
+def _band_offsets(lags: Sequence[int], chunk: int, device: torch.device) -> Tensor:
+    """t - t' for every (lag, row r, column c) of the bias blocks: (L, C, C)."""
+    lag = torch.tensor(list(lags), device=device).view(-1, 1, 1)
+    r = torch.arange(chunk, device=device).view(1, -1, 1)
+    c = torch.arange(chunk, device=device).view(1, 1, -1)
+    return lag * chunk + r - c
+
+
+def _mask_band(blocks: Tensor, lags: Sequence[int], chunk: int, lo: int, hi: int) -> Tensor:
+    """Keep bias entries with lo <= t - t' <= hi, -inf elsewhere. blocks: (L, Hb, nCb, C, C)."""
+    d = _band_offsets(lags, chunk, blocks.device)
+    keep = ((d >= lo) & (d <= hi)).unsqueeze(1).unsqueeze(1)
+    return blocks.masked_fill(~keep, float("-inf"))
+
+
+def _dense_blocks(w: Tensor, lags: Sequence[int], chunk: int, num_chunks: int) -> Tensor:
+    """Bias blocks (L, 1, nC, C, C) of a dense (T, T) bias: block i of lag l holds rows of chunk i, keys of i - l."""
+    T = w.shape[0]
+    pad = num_chunks * chunk - T
+    wp = F.pad(w, (0, pad, 0, pad), value=float("-inf"))
+    grid = wp.view(num_chunks, chunk, num_chunks, chunk).transpose(1, 2)  # (i, j, r, c)
+    out = []
+    for lag in lags:
+        diag = torch.diagonal(grid, offset=-lag, dim1=0, dim2=1).permute(2, 0, 1)  # (n, C, C)
+        missing = num_chunks - diag.shape[0]
+        diag = F.pad(diag, (0, 0, 0, 0, missing, 0) if lag >= 0 else (0, 0, 0, 0, 0, missing), value=float("-inf"))
+        out.append(diag)
+    return torch.stack(out).unsqueeze(1)
+
+
+def _factor_blocks(u: Tensor, v: Tensor, lags: Sequence[int], chunk: int, num_chunks: int) -> Tensor:
+    """Bias blocks (L, 1, nC, C, C) of w = u @ v.T, computing only the blocks on the given lags."""
+    pad = num_chunks * chunk - u.shape[0]
+    uc = F.pad(u, (0, 0, 0, pad)).view(num_chunks, chunk, -1)
+    vc = F.pad(v, (0, 0, 0, pad)).view(num_chunks, chunk, -1)
+    return torch.stack([uc @ _shift_chunks(vc, lag).transpose(-1, -2) for lag in lags]).unsqueeze(1)
+
+
+def _toeplitz_blocks(w: Tensor, lags: Sequence[int], chunk: int, causal: bool) -> Tensor:
+    """Bias blocks (L, H, 1, C, C) of per-head 1-D kernels w (H, s), -inf outside the kernel."""
+    s = w.shape[-1]
+    offset = -_band_offsets(lags, chunk, w.device)  # t' - t
+    index = offset + (s - 1 if causal else (s - 1) // 2)
+    inside = (index >= 0) & (index < s)
+    blocks = w[:, index.clamp(0, s - 1)]  # (H, L, C, C)
+    blocks = blocks.masked_fill(~inside, float("-inf"))
+    return blocks.transpose(0, 1).unsqueeze(2)
+
+
+def _weighted_average(k: Tensor, v: Tensor, bias: Union[Tensor, None], lags: Sequence[int], causal: bool,
+                      chunk: int) -> Tensor:
+    """sum_t' exp(k + b) v / sum_t' exp(k + b), b = bias inside the band and 0 outside it.
+
+    Args:
+        k: keys (B, H, T, Dk), Dk = Dv or 1 (one key per head, shared by its channels).
+        v: values (B, H, T, Dv).
+        bias: bias blocks (L, Hb, nCb, C, C) with -inf outside the band (see _dense_blocks), or None.
+        lags: chunk lag of each block; causal lags are >= 0 and start at 0.
+        causal: restrict to t' <= t.
+        chunk: the chunk size C.
+    Returns:
+        (B, H, T, Dv).
+    """
+    B, H, T, Dk = k.shape
+    Dv = v.shape[-1]
+    nC = -(-T // chunk)
+    pad = nC * chunk - T
+    # padded keys are -inf: they add nothing, and in causal mode no real position sees them anyway
+    k = F.pad(k, (0, 0, 0, pad), value=float("-inf"))
+    v = F.pad(v, (0, 0, 0, pad))
+    kc = k.view(B, H, nC, chunk, Dk)
+    vc = v.view(B, H, nC, chunk, Dv)
+
+    if bias is not None:
+        # weights exp(b - r) in the band and exp(-r) outside, with r = max(0, row max of b) so that all are <= 1
+        row_max = bias.amax(dim=(0, -1)).clamp_min(0).detach()  # (Hb, nCb, C)
+        outside = torch.exp(-row_max).unsqueeze(-1)  # (Hb, nCb, C, 1)
+        weights = torch.where(bias > float("-inf"), torch.exp(bias - row_max.unsqueeze(-1)), outside)
+    else:
+        outside = torch.ones((), dtype=k.dtype, device=k.device)
+        weights = None
+    reach = max(abs(lag) for lag in lags)  # chunks beyond this lag only see the weight exp(-r)
+
+    if not causal:
+        k_max = kc.amax(dim=(2, 3), keepdim=True).detach()
+        e = torch.exp(kc - k_max)
+        x = torch.cat([e * vc, e], dim=-1)  # (B, H, nC, C, Dv + Dk)
+        out = torch.zeros((), dtype=k.dtype, device=k.device)
+        for i, lag in enumerate(lags):
+            near = _shift_chunks(x, lag)
+            out = out + (weights[i] @ near if weights is not None else near.sum(dim=3, keepdim=True))
+        if nC > reach + 1:
+            sums = x.sum(dim=3, keepdim=True)  # (B, H, nC, 1, Dv + Dk)
+            before = _shift_chunks(sums.cumsum(dim=2), reach + 1)
+            after = _shift_chunks(sums.flip(2).cumsum(dim=2).flip(2), -(reach + 1))
+            out = out + (before + after) * outside
+    else:
+        m = torch.cummax(k, dim=2).values.detach().view(B, H, nC, chunk, Dk)  # running max per position
+        chunk_max = kc.amax(dim=3, keepdim=True).detach()  # (B, H, nC, 1, Dk)
+        x = torch.cat([torch.exp(kc - chunk_max) * vc, torch.exp(kc - chunk_max)], dim=-1)
+
+        # the diagonal block: exact for every row (a later key of the chunk may dwarf the visible ones), in float64
+        wide = torch.float64
+        e64 = torch.exp((kc - chunk_max).to(wide))
+        x64 = torch.cat([e64 * vc.to(wide), e64], dim=-1)
+        visible = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
+        diag = weights[0].to(wide) if weights is not None else torch.ones((), dtype=wide, device=k.device)
+        diag = torch.where(visible, diag, torch.zeros((), dtype=wide, device=k.device))
+        out = _scale(diag @ x64, torch.exp((chunk_max - m).to(wide))).to(k.dtype)
+
+        # earlier chunks in reach, relative to their own chunk max (never above the running max)
+        for i, lag in enumerate(lags):
+            if lag > 0:
+                scale = torch.exp(_shift_chunks(chunk_max, lag, float("-inf")) - m)
+                out = out + _scale(weights[i] @ _shift_chunks(x, lag), scale)
+
+        # chunks beyond reach: prefix sums over chunks, each relative to the running max of chunk maxima
+        if nC > reach + 1:
+            sums = x.sum(dim=3)  # (B, H, nC, Dv + Dk), relative to chunk_max
+            cmax = chunk_max.squeeze(3)  # (B, H, nC, Dk)
+            prefix_max = torch.cummax(cmax, dim=2).values
+            later = ~torch.ones(nC, nC, dtype=torch.bool, device=k.device).tril().unsqueeze(-1)
+            exponent = (cmax.unsqueeze(2) - prefix_max.unsqueeze(3)).masked_fill(later, float("-inf"))
+            decay = torch.exp(exponent)  # (B, H, i, j, Dk): chunk j's weight in prefix i, 0 for j > i
+            if Dk == 1:
+                prefix = torch.einsum("bhij,bhjc->bhic", decay.squeeze(-1), sums)
+            else:
+                prefix = torch.einsum("bhijd,bhjcd->bhicd", decay, sums.unflatten(-1, (2, Dk))).flatten(-2)
+            before = _shift_chunks(prefix.unsqueeze(3), reach + 1)  # (B, H, nC, 1, Dv + Dk)
+            scale = torch.exp(_shift_chunks(prefix_max.unsqueeze(3), reach + 1, float("-inf")) - m)
+            out = out + _scale(before, scale) * outside
+
+    out = out.expand(B, H, nC, chunk, out.shape[-1])
+    y = out[..., :Dv] / out[..., Dv:]
+    return y.reshape(B, H, nC * chunk, Dv)[:, :, :T]
+
+
+def _sequence_op(q: Tensor, k: Tensor, v: Tensor, bias_of, reach: int, causal: bool) -> Tensor:
+    """Shared driver of aft_full / aft_local / aft_simple on (B, T, D) inputs."""
+    dtype = _compute_dtype(q, k, v)
+    T = q.shape[1]
+    chunk = _chunk_size(T)
+    lags = _band_lags(reach, chunk, -(-T // chunk), causal)
+    bias = bias_of(lags, chunk, dtype) if bias_of is not None else None
+    y = _weighted_average(k.to(dtype).unsqueeze(1), v.to(dtype).unsqueeze(1), bias, lags, causal, chunk)
+    return (torch.sigmoid(q.to(dtype)) * y.squeeze(1)).to(q.dtype)
+
+
+def _bias_blocks(w: PositionBias, T: int, window: int, causal: bool):
+    """A function (lags, chunk, dtype) -> bias blocks of w restricted to |t - t'| < window (t' <= t if causal)."""
+
+    def blocks(lags: Sequence[int], chunk: int, dtype: torch.dtype) -> Tensor:
+        nC = -(-T // chunk)
+        if isinstance(w, (tuple, list)):
+            b = _factor_blocks(w[0].to(dtype), w[1].to(dtype), lags, chunk, nC)
+        else:
+            b = _dense_blocks(w.to(dtype), lags, chunk, nC)
+        return _mask_band(b, lags, chunk, 0 if causal else 1 - window, window - 1)
+
+    return blocks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public operators
+
+
+def aft_full(q: Tensor, k: Tensor, v: Tensor, w: PositionBias, causal: bool = False) -> Tensor:
+    """AFT-full (Eq. 2): a learned bias w[t, t'] for every pair of positions.
+
+    Args:
+        q: raw queries (B, T, D).
+        k: keys (B, T, D).
+        v: values (B, T, D).
+        w: position bias (T, T), or a pair (u, v) of (T, d') factors meaning u @ v.T.
+        causal: attend only to t' <= t.
+    Returns:
+        (B, T, D) in the dtype of q. Memory: exp(w) is the only T x T tensor, and it has no batch dimension.
+    """
+    B, T, D = _check_qkv(q, k, v)
+    _check_bias(w, T)
+    if causal:
+        return _sequence_op(q, k, v, _bias_blocks(w, T, T, True), T, True)
+    dtype = _compute_dtype(q, k, v)
+    dense = w[0].to(dtype) @ w[1].to(dtype).T if isinstance(w, (tuple, list)) else w.to(dtype)
+    weights = torch.exp(dense - dense.amax(dim=1, keepdim=True).detach())  # (T, T), batch-free
+    kf = k.to(dtype)
+    e = torch.exp(kf - kf.amax(dim=1, keepdim=True).detach())
+    num_den = weights @ torch.cat([e * v.to(dtype), e], dim=-1)
+    y = num_den[..., :D] / num_den[..., D:]
+    return (torch.sigmoid(q.to(dtype)) * y).to(q.dtype)
+
+
+def aft_local(q: Tensor, k: Tensor, v: Tensor, w: PositionBias, window: int, causal: bool = False) -> Tensor:
+    """AFT-local (Eq. 4): bias w[t, t'] where |t - t'| < window, 0 (not -inf) elsewhere.
+
+    Every position still sees every other; only the bias is local. Time O(T * window * D), memory
+    O(T * (window + D)): only the band of w is read, and for factors (u, v) only the band of u @ v.T is built.
+
+    Args:
+        q: raw queries (B, T, D).
+        k: keys (B, T, D).
+        v: values (B, T, D).
+        w: position bias (T, T), or a pair (u, v) of (T, d') factors meaning u @ v.T.
+        window: band size s >= 1; causal mode uses t' in {t - s + 1, ..., t}.
+        causal: attend only to t' <= t.
+    Returns:
+        (B, T, D) in the dtype of q.
+    """
+    B, T, D = _check_qkv(q, k, v)
+    _check_bias(w, T)
+    window = _check_window(window)
+    return _sequence_op(q, k, v, _bias_blocks(w, T, window, causal), min(window, T) - 1, causal)
+
+
+def aft_simple(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
+    """AFT-simple (Eq. 5): no position bias; sigmoid(q) times a softmax-over-time average of v.
+
+    Args:
+        q: raw queries (B, T, D).
+        k: keys (B, T, D).
+        v: values (B, T, D).
+        causal: attend only to t' <= t.
+    Returns:
+        (B, T, D) in the dtype of q. Time and memory O(T * D).
+    """
+    _check_qkv(q, k, v)
+    if causal:
+        return _sequence_op(q, k, v, None, 0, True)
+    dtype = _compute_dtype(q, k, v)
+    kf = k.to(dtype)
+    e = torch.exp(kf - kf.amax(dim=1, keepdim=True).detach())
+    y = (e * v.to(dtype)).sum(dim=1, keepdim=True) / e.sum(dim=1, keepdim=True)
+    return (torch.sigmoid(q.to(dtype)) * y).to(q.dtype)
+
+
+def _check_conv(q: Tensor, k: Tensor, v: Tensor, w: Tensor, spatial: int) -> None:
+    grid = ("T",) if spatial == 1 else ("X", "Y")
+    _check_tensor("q", q, 3 + spatial, "(B, H, C, " + ", ".join(grid) + ")")
+    B, H, C = q.shape[:3]
+    size = tuple(q.shape[3:])
+    expected_qv = (B, H, C) + size
+    expected_k = (B, H) + size
+    _check_tensor("v", v, 3 + spatial, str(expected_qv))
+    if v.shape != q.shape:
+        raise ValueError(f"v must have shape {expected_qv} like q, got {_shape(v)}")
+    _check_tensor("k", k, 2 + spatial, str(expected_k) + " (one key per head and position)")
+    if tuple(k.shape) != expected_k:
+        raise ValueError(f"k must have shape {expected_k} (one key per head and position), got {_shape(k)}")
+    kernel = "(H, s)" if spatial == 1 else "(H, sx, sy)"
+    _check_tensor("w", w, 1 + spatial, f"{kernel} with H={H}")
+    if w.shape[0] != H:
+        raise ValueError(f"w must have shape {kernel} with H={H} heads, got {_shape(w)}")
+    if min(size) < 1:
+        raise ValueError(f"q must have at least one position, got shape {_shape(q)}")
+
+
+def aft_conv1d(q: Tensor, k: Tensor, v: Tensor, w: Tensor, causal: bool = False) -> Tensor:
+    """AFT-conv on sequences (Eq. 6): per-head kernel bias, one key per head shared by the head's channels.
+
+    Args:
+        q: raw queries (B, H, C, T).
+        k: keys (B, H, T), one per head and position.
+        v: values (B, H, C, T).
+        w: kernels (H, s). Causal: w[h, j] applies at lag t - t' = s - 1 - j (w[h, -1] is the current position).
+            Non-causal: s must be odd and w[h, j] applies at offset t' - t = j - (s - 1) // 2.
+        causal: attend only to t' <= t.
+    Returns:
+        (B, H, C, T) in the dtype of q. Positions outside the sequence add nothing.
+    """
+    _check_conv(q, k, v, w, 1)
+    s = w.shape[1]
+    if not causal and s % 2 == 0:
+        raise ValueError(f"w must have an odd kernel size in non-causal mode (centred kernel), got s={s}")
+    dtype = _compute_dtype(q, k, v, w)
+    T = q.shape[-1]
+    chunk = _chunk_size(T)
+    reach = min(s - 1 if causal else (s - 1) // 2, T - 1)
+    lags = _band_lags(reach, chunk, -(-T // chunk), causal)
+    bias = _toeplitz_blocks(w.to(dtype), lags, chunk, causal)
+    y = _weighted_average(k.to(dtype).unsqueeze(-1), v.to(dtype).transpose(-1, -2), bias, lags, causal, chunk)
+    return (torch.sigmoid(q.to(dtype)) * y.transpose(-1, -2)).to(q.dtype)
+
+
+def aft_conv2d(q: Tensor, k: Tensor, v: Tensor, w: Tensor) -> Tensor:
+    """AFT-conv on image grids (Eq. 6): per-head 2-D kernel bias, one key per head shared by its channels.
+
+    Args:
+        q: raw queries (B, H, C, X, Y).
+        k: keys (B, H, X, Y), one per head and position.
+        v: values (B, H, C, X, Y).
+        w: kernels (H, sx, sy), odd sizes, centred: w[h, i, j] applies at offset
+            (x' - x, y' - y) = (i - (sx - 1) // 2, j - (sy - 1) // 2), the layout of nn.Conv2d.
+    Returns:
+        (B, H, C, X, Y) in the dtype of q, laid out channels-last (a view of (B, X, Y, H, C) memory). Positions
+        outside the grid add nothing; kernels may be larger than the grid.
+    """
+    _check_conv(q, k, v, w, 2)
+    H, sx, sy = w.shape
+    if sx % 2 == 0 or sy % 2 == 0:
+        raise ValueError(f"w must have odd kernel sizes (centred kernel), got (sx, sy) = ({sx}, {sy})")
+    dtype = _compute_dtype(q, k, v, w)
+    B, _, C, X, Y = q.shape
+    # channels-last (B, X, Y, H, C): the depth-wise convolution is much faster in that layout
+    kf = k.to(dtype).permute(0, 2, 3, 1)
+    e = torch.exp(kf - kf.amax(dim=(1, 2), keepdim=True).detach()).unsqueeze(-1)  # (B, X, Y, H, 1)
+    x = torch.cat([e * v.to(dtype).permute(0, 3, 4, 1, 2), e], dim=-1)  # (B, X, Y, H, C + 1)
+
+    # weights exp(w - r) inside the kernel and exp(-r) outside, r = max(0, max w) per head: all <= 1, no cancellation
+    wf = w.to(dtype)
+    row_max = wf.amax(dim=(1, 2)).clamp_min(0).detach()  # (H,)
+    outside = torch.exp(-row_max).view(H, 1)
+    kernel = torch.exp(wf - row_max.view(H, 1, 1)).repeat_interleave(C + 1, dim=0).unsqueeze(1)
+    channels = H * (C + 1)
+    grid = x.reshape(B, X, Y, channels).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+    box = F.conv2d(grid, kernel, padding=(sx // 2, sy // 2), groups=channels)
+
+    # outside the kernel box: whole rows above / below it, and the box's own rows left / right of it
+    rows = grid.sum(dim=3, keepdim=True)
+    above = _shift(rows.cumsum(dim=2), 2, sx // 2 + 1)
+    below = _shift(rows.flip(2).cumsum(dim=2).flip(2), 2, -(sx // 2 + 1))
+    beside = _shift(grid.cumsum(dim=3), 3, sy // 2 + 1) + _shift(grid.flip(3).cumsum(dim=3).flip(3), 3, -(sy // 2 + 1))
+    beside = F.avg_pool2d(beside, (sx, 1), stride=1, padding=(sx // 2, 0), count_include_pad=True) * sx
+    far = (above + below + beside).permute(0, 2, 3, 1).reshape(B, X, Y, H, C + 1)
+    out = box.permute(0, 2, 3, 1).reshape(B, X, Y, H, C + 1) + far * outside
+    y = torch.sigmoid(q.to(dtype).permute(0, 3, 4, 1, 2)) * (out[..., :C] / out[..., C:])
+    return y.to(q.dtype).permute(0, 3, 4, 1, 2)
