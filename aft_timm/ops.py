@@ -27,10 +27,15 @@ from torch import Tensor
 
 __all__ = ["aft_full", "aft_local", "aft_simple", "aft_conv1d", "aft_conv2d", "PositionBias"]
 
+# aft_conv2d takes its fast path while every kernel weight is >= -3 (exp(w) >= 0.05): then the global sum plus an
+# (exp(w) - 1) correction loses at most ~20 ulps to cancellation
+_CONV_CANCELLATION_SAFE = 3.0
+
 PositionBias = Union[Tensor, Tuple[Tensor, Tensor]]
 """A dense (T, T) bias, or a pair (u, v) of (T, d') factors standing for u @ v.T."""
 
-_MAX_CHUNKS = 256
+_BASE_CHUNK = 64  # positions per chunk: large enough for efficient matmuls, small enough for the float64 block
+_MAX_CHUNKS = 256  # beyond this many chunks the chunk grows, keeping the (chunks x chunks) prefix weights small
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,7 +99,7 @@ def _compute_dtype(*xs: Tensor) -> torch.dtype:
 
 
 def _chunk_size(T: int) -> int:
-    chunk = 64
+    chunk = _BASE_CHUNK
     while T > chunk * _MAX_CHUNKS:
         chunk *= 2
     return min(chunk, T)
@@ -324,7 +329,9 @@ def aft_full(q: Tensor, k: Tensor, v: Tensor, w: PositionBias, causal: bool = Fa
     weights = torch.exp(dense - dense.amax(dim=1, keepdim=True).detach())  # (T, T), batch-free
     kf = k.to(dtype)
     e = torch.exp(kf - kf.amax(dim=1, keepdim=True).detach())
-    num_den = weights @ torch.cat([e * v.to(dtype), e], dim=-1)
+    x = torch.cat([e * v.to(dtype), e], dim=-1)  # (B, T, 2D)
+    # one (T, T) @ (T, B * 2D) product: a batched matmul would broadcast exp(w) over the batch
+    num_den = (weights @ x.transpose(0, 1).reshape(T, -1)).view(T, B, 2 * D).transpose(0, 1)
     y = num_den[..., :D] / num_den[..., D:]
     return (torch.sigmoid(q.to(dtype)) * y).to(q.dtype)
 
@@ -444,22 +451,30 @@ def aft_conv2d(q: Tensor, k: Tensor, v: Tensor, w: Tensor) -> Tensor:
     e = torch.exp(kf - kf.amax(dim=(1, 2), keepdim=True).detach()).unsqueeze(-1)  # (B, X, Y, H, 1)
     x = torch.cat([e * v.to(dtype).permute(0, 3, 4, 1, 2), e], dim=-1)  # (B, X, Y, H, C + 1)
 
-    # weights exp(w - r) inside the kernel and exp(-r) outside, r = max(0, max w) per head: all <= 1, no cancellation
     wf = w.to(dtype)
-    row_max = wf.amax(dim=(1, 2)).clamp_min(0).detach()  # (H,)
+    row_max = wf.amax(dim=(1, 2)).clamp_min(0).detach()  # (H,): weights exp(w - r) and exp(-r) are <= 1
     outside = torch.exp(-row_max).view(H, 1)
-    kernel = torch.exp(wf - row_max.view(H, 1, 1)).repeat_interleave(C + 1, dim=0).unsqueeze(1)
     channels = H * (C + 1)
     grid = x.reshape(B, X, Y, channels).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
-    box = F.conv2d(grid, kernel, padding=(sx // 2, sy // 2), groups=channels)
-
-    # outside the kernel box: whole rows above / below it, and the box's own rows left / right of it
-    rows = grid.sum(dim=3, keepdim=True)
-    above = _shift(rows.cumsum(dim=2), 2, sx // 2 + 1)
-    below = _shift(rows.flip(2).cumsum(dim=2).flip(2), 2, -(sx // 2 + 1))
-    beside = _shift(grid.cumsum(dim=3), 3, sy // 2 + 1) + _shift(grid.flip(3).cumsum(dim=3).flip(3), 3, -(sy // 2 + 1))
-    beside = F.avg_pool2d(beside, (sx, 1), stride=1, padding=(sx // 2, 0), count_include_pad=True) * sx
-    far = (above + below + beside).permute(0, 2, 3, 1).reshape(B, X, Y, H, C + 1)
-    out = box.permute(0, 2, 3, 1).reshape(B, X, Y, H, C + 1) + far * outside
+    total = x.sum(dim=(1, 2), keepdim=True) * outside
+    if bool(wf.amin() >= -_CONV_CANCELLATION_SAFE):
+        # global sum plus an (exp(w) - 1) correction: exact to a few ulps while no exp(w) is tiny
+        kernel = torch.expm1(wf) * outside.view(H, 1, 1)
+        local = F.conv2d(grid, kernel.repeat_interleave(C + 1, dim=0).unsqueeze(1), padding=(sx // 2, sy // 2),
+                         groups=channels)
+        out = local.permute(0, 2, 3, 1).reshape(B, X, Y, H, C + 1) + total
+    else:
+        # 1 + (exp(w) - 1) would cancel: weigh the kernel box directly and sum what lies outside it without
+        # subtraction: whole rows above and below the box, and the box's rows left and right of it
+        kernel = torch.exp(wf - row_max.view(H, 1, 1)).repeat_interleave(C + 1, dim=0).unsqueeze(1)
+        box = F.conv2d(grid, kernel, padding=(sx // 2, sy // 2), groups=channels)
+        rows = grid.sum(dim=3, keepdim=True)
+        above = _shift(rows.cumsum(dim=2), 2, sx // 2 + 1)
+        below = _shift(rows.flip(2).cumsum(dim=2).flip(2), 2, -(sx // 2 + 1))
+        left = _shift(grid.cumsum(dim=3), 3, sy // 2 + 1)
+        right = _shift(grid.flip(3).cumsum(dim=3).flip(3), 3, -(sy // 2 + 1))
+        beside = F.avg_pool2d(left + right, (sx, 1), stride=1, padding=(sx // 2, 0), count_include_pad=True) * sx
+        far = (above + below + beside).permute(0, 2, 3, 1).reshape(B, X, Y, H, C + 1)
+        out = box.permute(0, 2, 3, 1).reshape(B, X, Y, H, C + 1) + far * outside
     y = torch.sigmoid(q.to(dtype).permute(0, 3, 4, 1, 2)) * (out[..., :C] / out[..., C:])
     return y.to(q.dtype).permute(0, 3, 4, 1, 2)
