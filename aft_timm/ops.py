@@ -10,14 +10,18 @@ accepted: exponentials are taken in float32 and the output has the input dtype.
 
 How the operators stay exact, stable and linear in memory:
 
-* Constants that depend only on (t, channel) cancel in the ratio, so keys are shifted by a maximum and each bias row
-  by its maximum before ``exp``.
-* The sum over t' splits into a global part with weight ``exp(-r_t)`` for every key plus a band correction
-  ``expm1(b) * exp(-r_t)`` where the bias is defined (Eq. 4). The band is evaluated on chunks of C positions as a few
-  batch-free (C x C) weight blocks per chunk lag times the exponentiated keys: batched matmuls, memory O(T (s + C)).
-* Causal mode uses each position's own running maximum of the keys. Keys of earlier chunks are exact relative to
-  their chunk maximum (never above the running maximum). Within a chunk, where a later key may dwarf every visible
-  one, the (C x C) block is evaluated in float64, whose range covers key spreads of several hundred.
+* Constants that depend only on (t, channel) cancel in the ratio: keys are shifted by a maximum, and each bias row
+  by r_t = max(0, max_t' b(t, t')), so that every weight exp(b - r_t) or exp(-r_t) is at most 1.
+* Positions are cut into chunks of C. Key chunks within reach of the bias are weighed directly by batch-free
+  (C x C) weight blocks, one batched matmul per chunk lag; chunks beyond reach carry the uniform weight exp(-r_t)
+  and enter through prefix (and, non-causal, suffix) sums over chunks. Nothing of size T x T is built except
+  exp(w) for a dense AFT-full bias, and nothing with both a batch and a T x T extent. Weights are never formed as
+  1 + (exp(b) - 1), which cancels for very negative b.
+* Causal mode uses each position's own running maximum of the keys: earlier chunks are exact relative to their
+  chunk maximum (never above the running maximum), and the diagonal block, where a later key of the same chunk may
+  dwarf every visible one, is evaluated in float64, whose range covers key spreads of several hundred.
+* aft_conv2d is a depth-wise convolution of exp(k) v and exp(k) with exp(w) - 1 plus a global sum, or, for kernels
+  with weights below -3 (where that sum would cancel), a direct kernel box plus cancellation-free sums outside it.
 """
 from typing import List, Sequence, Tuple, Union
 
@@ -35,7 +39,9 @@ PositionBias = Union[Tensor, Tuple[Tensor, Tensor]]
 """A dense (T, T) bias, or a pair (u, v) of (T, d') factors standing for u @ v.T."""
 
 _BASE_CHUNK = 64  # positions per chunk: large enough for efficient matmuls, small enough for the float64 block
-_MAX_CHUNKS = 256  # beyond this many chunks the chunk grows, keeping the (chunks x chunks) prefix weights small
+_KEYS_PER_MATMUL = 256  # key positions stacked into one batched matmul of the band
+_FLOAT32_SAFE_SPREAD = 60.0  # exp(-60) and everything it multiplies stay well inside float32's normal range
+_MAX_CHUNKS = 128  # beyond this many chunks the chunk grows: the (chunks x chunks) prefix weights stay O(T)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,26 +118,17 @@ def _scale(x: Tensor, s: Tensor) -> Tensor:
     return (x.unflatten(-1, (2, s.shape[-1])) * s.unsqueeze(-2)).flatten(-2)
 
 
-def _shift_chunks(x: Tensor, lag: int, value: float = 0.0) -> Tensor:
-    """x[..., i - lag, :, :] along the chunk dim (-3), padded with value where i - lag is out of range."""
-    if lag == 0:
-        return x
-    n = x.shape[-3]
-    if abs(lag) >= n:
-        return torch.full_like(x, value)
-    pad = (0, 0, 0, 0, lag, 0) if lag > 0 else (0, 0, 0, 0, 0, -lag)
-    x = F.pad(x, pad, value=value)
-    return x[..., :n, :, :] if lag > 0 else x[..., -lag:, :, :]
-
-
-def _shift(x: Tensor, dim: int, n: int) -> Tensor:
-    """out[i] = x[i - n] along dim, zero where i - n is out of range."""
+def _shift(x: Tensor, dim: int, n: int, value: float = 0.0) -> Tensor:
+    """out[i] = x[i - n] along dim, filled with value where i - n is out of range."""
     size = x.shape[dim]
+    if n == 0:
+        return x
     if abs(n) >= size:
-        return torch.zeros_like(x)
-    if n >= 0:
-        return torch.cat([torch.zeros_like(x.narrow(dim, 0, n)), x.narrow(dim, 0, size - n)], dim=dim)
-    return torch.cat([x.narrow(dim, -n, size + n), torch.zeros_like(x.narrow(dim, 0, -n))], dim=dim)
+        return torch.full_like(x, value)
+    fill = torch.full_like(x.narrow(dim, 0, abs(n)), value)
+    if n > 0:
+        return torch.cat([fill, x.narrow(dim, 0, size - n)], dim=dim)
+    return torch.cat([x.narrow(dim, -n, size + n), fill], dim=dim)
 
 
 def _band_lags(reach: int, chunk: int, num_chunks: int, causal: bool) -> List[int]:
@@ -177,7 +174,7 @@ def _factor_blocks(u: Tensor, v: Tensor, lags: Sequence[int], chunk: int, num_ch
     pad = num_chunks * chunk - u.shape[0]
     uc = F.pad(u, (0, 0, 0, pad)).view(num_chunks, chunk, -1)
     vc = F.pad(v, (0, 0, 0, pad)).view(num_chunks, chunk, -1)
-    return torch.stack([uc @ _shift_chunks(vc, lag).transpose(-1, -2) for lag in lags]).unsqueeze(1)
+    return torch.stack([uc @ _shift(vc, 0, lag).transpose(-1, -2) for lag in lags]).unsqueeze(1)
 
 
 def _toeplitz_blocks(w: Tensor, lags: Sequence[int], chunk: int, causal: bool) -> Tensor:
@@ -191,6 +188,26 @@ def _toeplitz_blocks(w: Tensor, lags: Sequence[int], chunk: int, causal: bool) -
     return blocks.transpose(0, 1).unsqueeze(2)
 
 
+def _near_blocks(x: Tensor, weights: Tensor, lags: Sequence[int], key_scales: Union[List[Tensor], None] = None) -> Tensor:
+    """sum over lags of weights[l] @ (key chunk i - lag), a few lags stacked into each matmul.
+
+    x: (H, nC, C, B, D2) time-major chunks; weights: (L, Hb, nCb, C, C); key_scales: per lag, (H, nC, 1, B, Dk).
+    """
+    H, nC, C, B, D2 = x.shape
+    group = max(1, _KEYS_PER_MATMUL // C)
+    out = None
+    for start in range(0, len(lags), group):
+        parts = []
+        for i in range(start, min(start + group, len(lags))):
+            part = _shift(x, 1, lags[i])
+            parts.append(part if key_scales is None else _scale(part, key_scales[i]))
+        keys = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        w = torch.cat(list(weights[start:start + len(parts)]), dim=-1)  # (Hb, nCb, C, G C)
+        y = w @ keys.view(H, nC, -1, B * D2)
+        out = y if out is None else out + y
+    return out.view(H, nC, C, B, D2)
+
+
 def _weighted_average(k: Tensor, v: Tensor, bias: Union[Tensor, None], lags: Sequence[int], causal: bool,
                       chunk: int) -> Tensor:
     """sum_t' exp(k + b) v / sum_t' exp(k + b), b = bias inside the band and 0 outside it.
@@ -199,84 +216,78 @@ def _weighted_average(k: Tensor, v: Tensor, bias: Union[Tensor, None], lags: Seq
         k: keys (B, H, T, Dk), Dk = Dv or 1 (one key per head, shared by its channels).
         v: values (B, H, T, Dv).
         bias: bias blocks (L, Hb, nCb, C, C) with -inf outside the band (see _dense_blocks), or None.
-        lags: chunk lag of each block; causal lags are >= 0 and start at 0.
+        lags: chunk lag of each block; causal lags are 0, 1, ..., P.
         causal: restrict to t' <= t.
         chunk: the chunk size C.
     Returns:
-        (B, H, T, Dv).
+        (B, H, T, Dv), a permuted view of time-major memory.
     """
     B, H, T, Dk = k.shape
     Dv = v.shape[-1]
     nC = -(-T // chunk)
+    # time-major (H, T, B, D): batch and channels share the matmuls' wide dimension, weights stay batch-free
+    k = k.permute(1, 2, 0, 3)
+    v = v.permute(1, 2, 0, 3)
     pad = nC * chunk - T
-    # padded keys are -inf: they add nothing, and in causal mode no real position sees them anyway
-    k = F.pad(k, (0, 0, 0, pad), value=float("-inf"))
-    v = F.pad(v, (0, 0, 0, pad))
-    kc = k.view(B, H, nC, chunk, Dk)
-    vc = v.view(B, H, nC, chunk, Dv)
+    if pad:  # padded keys are -inf: they add nothing, and in causal mode no real position sees them anyway
+        k = F.pad(k, (0, 0, 0, 0, 0, pad), value=float("-inf"))
+        v = F.pad(v, (0, 0, 0, 0, 0, pad))
+    kc = k.reshape(H, nC, chunk, B, Dk)
+    vc = v.reshape(H, nC, chunk, B, Dv)
 
     if bias is not None:
-        # weights exp(b - r) in the band and exp(-r) outside, with r = max(0, row max of b) so that all are <= 1
+        # weights exp(b - r) in the band and exp(-r) outside, r = max(0, row max of b): all <= 1
         row_max = bias.amax(dim=(0, -1)).clamp_min(0).detach()  # (Hb, nCb, C)
-        outside = torch.exp(-row_max).unsqueeze(-1)  # (Hb, nCb, C, 1)
+        outside = torch.exp(-row_max).unsqueeze(-1)
         weights = torch.where(bias > float("-inf"), torch.exp(bias - row_max.unsqueeze(-1)), outside)
+        outside = outside.unsqueeze(-1)  # (Hb, nCb, C, 1, 1)
     else:
         outside = torch.ones((), dtype=k.dtype, device=k.device)
-        weights = None
+        weights = torch.ones(1, 1, 1, chunk, chunk, dtype=k.dtype, device=k.device)
     reach = max(abs(lag) for lag in lags)  # chunks beyond this lag only see the weight exp(-r)
 
     if not causal:
-        k_max = kc.amax(dim=(2, 3), keepdim=True).detach()
+        k_max = kc.amax(dim=(1, 2), keepdim=True).detach()
         e = torch.exp(kc - k_max)
-        x = torch.cat([e * vc, e], dim=-1)  # (B, H, nC, C, Dv + Dk)
-        out = torch.zeros((), dtype=k.dtype, device=k.device)
-        for i, lag in enumerate(lags):
-            near = _shift_chunks(x, lag)
-            out = out + (weights[i] @ near if weights is not None else near.sum(dim=3, keepdim=True))
+        x = torch.cat([e * vc, e], dim=-1)  # (H, nC, C, B, Dv + Dk)
+        out = _near_blocks(x, weights, lags)
         if nC > reach + 1:
-            sums = x.sum(dim=3, keepdim=True)  # (B, H, nC, 1, Dv + Dk)
-            before = _shift_chunks(sums.cumsum(dim=2), reach + 1)
-            after = _shift_chunks(sums.flip(2).cumsum(dim=2).flip(2), -(reach + 1))
+            sums = x.sum(dim=2, keepdim=True)
+            before = _shift(sums.cumsum(dim=1), 1, reach + 1)
+            after = _shift(sums.flip(1).cumsum(dim=1).flip(1), 1, -(reach + 1))
             out = out + (before + after) * outside
     else:
-        m = torch.cummax(k, dim=2).values.detach().view(B, H, nC, chunk, Dk)  # running max per position
-        chunk_max = kc.amax(dim=3, keepdim=True).detach()  # (B, H, nC, 1, Dk)
-        x = torch.cat([torch.exp(kc - chunk_max) * vc, torch.exp(kc - chunk_max)], dim=-1)
-
-        # the diagonal block: exact for every row (a later key of the chunk may dwarf the visible ones), in float64
-        wide = torch.float64
-        e64 = torch.exp((kc - chunk_max).to(wide))
-        x64 = torch.cat([e64 * vc.to(wide), e64], dim=-1)
         visible = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
-        diag = weights[0].to(wide) if weights is not None else torch.ones((), dtype=wide, device=k.device)
-        diag = torch.where(visible, diag, torch.zeros((), dtype=wide, device=k.device))
-        out = _scale(diag @ x64, torch.exp((chunk_max - m).to(wide))).to(k.dtype)
-
-        # earlier chunks in reach, relative to their own chunk max (never above the running max)
-        for i, lag in enumerate(lags):
-            if lag > 0:
-                scale = torch.exp(_shift_chunks(chunk_max, lag, float("-inf")) - m)
-                out = out + _scale(weights[i] @ _shift_chunks(x, lag), scale)
+        weights = torch.cat([torch.where(visible, weights[:1], torch.zeros_like(weights[:1])), weights[1:]])
+        m = torch.cummax(k, dim=1).values.detach().reshape(H, nC, chunk, B, Dk)  # running max per position
+        chunk_max = kc.amax(dim=2, keepdim=True).detach()  # (H, nC, 1, B, Dk)
+        lag_max = [_shift(chunk_max, 1, lag, float("-inf")) for lag in lags]
+        ref = torch.stack(lag_max).amax(dim=0)  # max of every key within reach of the row chunk
+        # relative to ref, a row whose visible keys are dwarfed by later keys of its own chunk underflows in
+        # float32: then this part runs in float64, whose range covers key spreads of several hundred
+        wide = k.dtype != torch.float64 and bool((ref - m).amax() > _FLOAT32_SAFE_SPREAD)
+        dtype = torch.float64 if wide else k.dtype
+        e = torch.exp((kc - chunk_max).to(dtype))
+        x = torch.cat([e * vc.to(dtype), e], dim=-1)  # relative to each chunk's own max
+        key_scales = [torch.exp((lm - ref).to(dtype)) for lm in lag_max]
+        out = _near_blocks(x, weights.to(dtype), lags, key_scales)
+        out = _scale(out, torch.exp((ref - m).to(dtype))).to(k.dtype)
 
         # chunks beyond reach: prefix sums over chunks, each relative to the running max of chunk maxima
         if nC > reach + 1:
-            sums = x.sum(dim=3)  # (B, H, nC, Dv + Dk), relative to chunk_max
-            cmax = chunk_max.squeeze(3)  # (B, H, nC, Dk)
-            prefix_max = torch.cummax(cmax, dim=2).values
-            later = ~torch.ones(nC, nC, dtype=torch.bool, device=k.device).tril().unsqueeze(-1)
-            exponent = (cmax.unsqueeze(2) - prefix_max.unsqueeze(3)).masked_fill(later, float("-inf"))
-            decay = torch.exp(exponent)  # (B, H, i, j, Dk): chunk j's weight in prefix i, 0 for j > i
-            if Dk == 1:
-                prefix = torch.einsum("bhij,bhjc->bhic", decay.squeeze(-1), sums)
-            else:
-                prefix = torch.einsum("bhijd,bhjcd->bhicd", decay, sums.unflatten(-1, (2, Dk))).flatten(-2)
-            before = _shift_chunks(prefix.unsqueeze(3), reach + 1)  # (B, H, nC, 1, Dv + Dk)
-            scale = torch.exp(_shift_chunks(prefix_max.unsqueeze(3), reach + 1, float("-inf")) - m)
+            sums = x.sum(dim=2).to(k.dtype)  # (H, nC, B, Dv + Dk)
+            cmax = chunk_max.squeeze(2)  # (H, nC, B, Dk)
+            prefix_max = torch.cummax(cmax, dim=1).values
+            later = ~torch.ones(nC, nC, dtype=torch.bool, device=k.device).tril().view(nC, nC, 1, 1)
+            exponent = (cmax.unsqueeze(1) - prefix_max.unsqueeze(2)).masked_fill(later, float("-inf"))
+            decay = torch.exp(exponent)  # (H, i, j, B, Dk): chunk j's weight in prefix i, 0 for j > i
+            prefix = _scale(sums.unsqueeze(1), decay).sum(dim=2)  # (H, nC, B, Dv + Dk)
+            before = _shift(prefix, 1, reach + 1).unsqueeze(2)
+            scale = torch.exp(_shift(prefix_max, 1, reach + 1, float("-inf")).unsqueeze(2) - m)
             out = out + _scale(before, scale) * outside
 
-    out = out.expand(B, H, nC, chunk, out.shape[-1])
-    y = out[..., :Dv] / out[..., Dv:]
-    return y.reshape(B, H, nC * chunk, Dv)[:, :, :T]
+    y = out[..., :Dv] / out[..., Dv:]  # (H, nC, C, B, Dv)
+    return y.reshape(H, nC * chunk, B, Dv)[:, :T].permute(2, 0, 1, 3)
 
 
 def _sequence_op(q: Tensor, k: Tensor, v: Tensor, bias_of, reach: int, causal: bool) -> Tensor:
