@@ -18,8 +18,9 @@ How the operators stay exact, stable and linear in memory:
   exp(w) for a dense AFT-full bias, and nothing with both a batch and a T x T extent. Weights are never formed as
   1 + (exp(b) - 1), which cancels for very negative b.
 * Causal mode uses each position's own running maximum of the keys: earlier chunks are exact relative to their
-  chunk maximum (never above the running maximum), and the diagonal block, where a later key of the same chunk may
-  dwarf every visible one, is evaluated in float64, whose range covers key spreads of several hundred.
+  chunk maximum (never above the running maximum). A row's own chunk is taken relative to the largest key in reach,
+  unless a later key of that chunk dwarfs the row's visible ones (by e^60): then that chunk is evaluated row by row
+  against each row's running maximum, exact for any spread of keys.
 * aft_conv2d is a depth-wise convolution of exp(k) v and exp(k) with exp(w) - 1 plus a global sum, or, for kernels
   with weights below -3 (where that sum would cancel), a direct kernel box plus cancellation-free sums outside it.
 """
@@ -38,9 +39,9 @@ _CONV_CANCELLATION_SAFE = 3.0
 PositionBias = Union[Tensor, Tuple[Tensor, Tensor]]
 """A dense (T, T) bias, or a pair (u, v) of (T, d') factors standing for u @ v.T."""
 
-_BASE_CHUNK = 64  # positions per chunk: large enough for efficient matmuls, small enough for the float64 block
+_BASE_CHUNK = 64  # positions per chunk: large enough for efficient matmuls, small enough for a cheap band
 _KEYS_PER_MATMUL = 256  # key positions stacked into one batched matmul of the band
-_FLOAT32_SAFE_SPREAD = 60.0  # exp(-60) and everything it multiplies stay well inside float32's normal range
+_FLOAT32_SAFE_SPREAD = 60.0  # exp(-60) times any weight stays well inside float32's normal range
 _MAX_CHUNKS = 128  # beyond this many chunks the chunk grows: the (chunks x chunks) prefix weights stay O(T)
 
 
@@ -261,21 +262,29 @@ def _weighted_average(k: Tensor, v: Tensor, bias: Union[Tensor, None], lags: Seq
         weights = torch.cat([torch.where(visible, weights[:1], torch.zeros_like(weights[:1])), weights[1:]])
         m = torch.cummax(k, dim=1).values.detach().reshape(H, nC, chunk, B, Dk)  # running max per position
         chunk_max = kc.amax(dim=2, keepdim=True).detach()  # (H, nC, 1, B, Dk)
+        e = torch.exp(kc - chunk_max)
+        x = torch.cat([e * vc, e], dim=-1)  # relative to each chunk's own max
         lag_max = [_shift(chunk_max, 1, lag, float("-inf")) for lag in lags]
-        ref = torch.stack(lag_max).amax(dim=0)  # max of every key within reach of the row chunk
-        # relative to ref, a row whose visible keys are dwarfed by later keys of its own chunk underflows in
-        # float32: then this part runs in float64, whose range covers key spreads of several hundred
-        wide = k.dtype != torch.float64 and bool((ref - m).amax() > _FLOAT32_SAFE_SPREAD)
-        dtype = torch.float64 if wide else k.dtype
-        e = torch.exp((kc - chunk_max).to(dtype))
-        x = torch.cat([e * vc.to(dtype), e], dim=-1)  # relative to each chunk's own max
-        key_scales = [torch.exp((lm - ref).to(dtype)) for lm in lag_max]
-        out = _near_blocks(x, weights.to(dtype), lags, key_scales)
-        out = _scale(out, torch.exp((ref - m).to(dtype))).to(k.dtype)
+        ref = torch.stack(lag_max).amax(dim=0)  # the max of every key within reach of the row chunk
+        if not bool((ref - m).amax() > _FLOAT32_SAFE_SPREAD):
+            out = _near_blocks(x, weights, lags, [torch.exp(lm - ref) for lm in lag_max])
+            out = _scale(out, torch.exp(ref - m))
+        else:
+            # some row's visible keys are dwarfed by later keys of its own chunk: relative to the chunk max they
+            # would underflow, so that chunk is evaluated row by row against each row's own running max
+            diff = (kc.unsqueeze(2) - m.unsqueeze(3)).masked_fill(~visible.view(chunk, chunk, 1, 1), float("-inf"))
+            own = torch.exp(diff) * weights[0].view(*weights.shape[1:], 1, 1)  # (H, nC, C, C', B, Dk)
+            values = torch.cat([vc, torch.ones_like(vc[..., :1]).expand(*vc.shape[:-1], Dk)], dim=-1)
+            out = _scale(values.unsqueeze(2), own).sum(dim=3)
+            if len(lags) > 1:
+                # earlier chunks are all visible: relative to the running max at the chunk's first row
+                first = m[:, :, :1]
+                scales = [torch.exp(lm - first) for lm in lag_max[1:]]
+                out = out + _scale(_near_blocks(x, weights[1:], lags[1:], scales), torch.exp(first - m))
 
         # chunks beyond reach: prefix sums over chunks, each relative to the running max of chunk maxima
         if nC > reach + 1:
-            sums = x.sum(dim=2).to(k.dtype)  # (H, nC, B, Dv + Dk)
+            sums = x.sum(dim=2)  # (H, nC, B, Dv + Dk)
             cmax = chunk_max.squeeze(2)  # (H, nC, B, Dk)
             prefix_max = torch.cummax(cmax, dim=1).values
             later = ~torch.ones(nC, nC, dtype=torch.bool, device=k.device).tril().view(nC, nC, 1, 1)

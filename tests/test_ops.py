@@ -171,6 +171,22 @@ def test_causal_early_positions_not_swamped_by_later_keys(chunk):
     assert relative_error(out[:, :20], expected[:, :20]) < 1e-5
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_causal_exact_for_any_key_spread(chunk, seed):
+    """Keys hundreds apart (beyond even float64's exp range): every row still matches the literal formula."""
+    B, T, D = 2, 50, 3
+    q, _, v = qkv(B, T, D, dtype=torch.float32, seed=seed)
+    k = torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed)) * 500
+    w = torch.randn(T, T)
+    zero = torch.zeros(T, T)
+    for out, bias in [(aft_simple(q, k, v, True), zero), (aft_local(q, k, v, w, 9, True), local_bias(w, 9)),
+                      (aft_full(q, k, v, w, True), w)]:
+        assert torch.isfinite(out).all()
+        assert relative_error(out, literal_aft(q, k, v, bias, True)) < 1e-5
+    two = aft_simple(torch.zeros(1, 2, 1), torch.tensor([[[-1089.0], [284.0]]]), torch.ones(1, 2, 1), causal=True)
+    assert torch.equal(two, torch.full((1, 2, 1), 0.5))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_conv_stable_with_extreme_keys_and_biases(causal):
     B, H, C, T = 2, 2, 3, 60
