@@ -97,6 +97,11 @@ def _check_window(window) -> int:
     return window
 
 
+def _holds(condition: Tensor) -> bool:
+    """A data-dependent choice between two exact paths of the same shape; on the meta device (no data), the first."""
+    return condition.device.type == "meta" or bool(condition)
+
+
 def _compute_dtype(*xs: Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
@@ -266,7 +271,7 @@ def _weighted_average(k: Tensor, v: Tensor, bias: Union[Tensor, None], lags: Seq
         x = torch.cat([e * vc, e], dim=-1)  # relative to each chunk's own max
         lag_max = [_shift(chunk_max, 1, lag, float("-inf")) for lag in lags]
         ref = torch.stack(lag_max).amax(dim=0)  # the max of every key within reach of the row chunk
-        if not bool((ref - m).amax() > _FLOAT32_SAFE_SPREAD):
+        if _holds((ref - m).amax() <= _FLOAT32_SAFE_SPREAD):
             out = _near_blocks(x, weights, lags, [torch.exp(lm - ref) for lm in lag_max])
             out = _scale(out, torch.exp(ref - m))
         else:
@@ -477,7 +482,7 @@ def aft_conv2d(q: Tensor, k: Tensor, v: Tensor, w: Tensor) -> Tensor:
     channels = H * (C + 1)
     grid = x.reshape(B, X, Y, channels).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
     total = x.sum(dim=(1, 2), keepdim=True) * outside
-    if bool(wf.amin() >= -_CONV_CANCELLATION_SAFE):
+    if _holds(wf.amin() >= -_CONV_CANCELLATION_SAFE):
         # global sum plus an (exp(w) - 1) correction: exact to a few ulps while no exp(w) is tiny
         kernel = torch.expm1(wf) * outside.view(H, 1, 1)
         local = F.conv2d(grid, kernel.repeat_interleave(C + 1, dim=0).unsqueeze(1), padding=(sx // 2, sy // 2),
