@@ -24,10 +24,8 @@ _KERNEL_EPS = 1e-5
 def reparameterize_kernel(weight: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     """gamma * (w - mean(w)) / std(w) + beta per head; weight (H, ...), gamma and beta (H,)."""
     flat = weight.flatten(1)
-    centred = flat - flat.mean(dim=1, keepdim=True)
-    std = centred.pow(2).mean(dim=1, keepdim=True).sqrt()
-    kernel = gamma.unsqueeze(1) * centred / (std + _KERNEL_EPS) + beta.unsqueeze(1)
-    return kernel.view(weight.shape)
+    std, mean = torch.std_mean(flat, dim=1, correction=0, keepdim=True)
+    return torch.addcmul(beta.unsqueeze(1), flat - mean, gamma.unsqueeze(1) / (std + _KERNEL_EPS)).view(weight.shape)
 
 
 # The mixers' ``mix`` methods are ignored by TorchScript (the operators are plain Python), and an ignored method of a

@@ -484,7 +484,7 @@ def aft_conv2d(q: Tensor, k: Tensor, v: Tensor, w: Tensor) -> Tensor:
     total = x.sum(dim=(1, 2), keepdim=True) * outside
     if _holds(wf.amin() >= -_CONV_CANCELLATION_SAFE):
         # global sum plus an (exp(w) - 1) correction: exact to a few ulps while no exp(w) is tiny
-        kernel = torch.expm1(wf) * outside.view(H, 1, 1)
+        kernel = torch.exp(wf - row_max.view(H, 1, 1)) - outside.view(H, 1, 1)  # (exp(w) - 1) exp(-r)
         local = F.conv2d(grid, kernel.repeat_interleave(C + 1, dim=0).unsqueeze(1), padding=(sx // 2, sy // 2),
                          groups=channels)
         out = local.permute(0, 2, 3, 1).reshape(B, X, Y, H, C + 1) + total
