@@ -40,7 +40,6 @@ PositionBias = Union[Tensor, Tuple[Tensor, Tensor]]
 """A dense (T, T) bias, or a pair (u, v) of (T, d') factors standing for u @ v.T."""
 
 _BASE_CHUNK = 64  # positions per chunk: large enough for efficient matmuls, small enough for a cheap band
-_KEYS_PER_MATMUL = 256  # key positions stacked into one batched matmul of the band
 _FLOAT32_SAFE_SPREAD = 60.0  # exp(-60) times any weight stays well inside float32's normal range
 _MAX_CHUNKS = 128  # beyond this many chunks the chunk grows: the (chunks x chunks) prefix weights stay O(T)
 
@@ -194,24 +193,30 @@ def _toeplitz_blocks(w: Tensor, lags: Sequence[int], chunk: int, causal: bool) -
     return blocks.transpose(0, 1).unsqueeze(2)
 
 
-def _near_blocks(x: Tensor, weights: Tensor, lags: Sequence[int], key_scales: Union[List[Tensor], None] = None) -> Tensor:
-    """sum over lags of weights[l] @ (key chunk i - lag), a few lags stacked into each matmul.
+def _near_blocks(x: Tensor, weights: Tensor, lags: Sequence[int], key_max: Union[Tensor, None] = None) -> Tensor:
+    """sum over lags of weights[l] @ (key chunk i - lags[l]) for every row chunk i, as one batched matmul.
 
-    x: (H, nC, C, B, D2) time-major chunks; weights: (L, Hb, nCb, C, C); key_scales: per lag, (H, nC, 1, B, Dk).
+    Args:
+        x: time-major chunks (H, nC, C, B, D2), each relative to its own chunk max when key_max is given.
+        weights: (L, Hb, nCb, C, C) for the consecutive lags ``lags``.
+        key_max: a pair (chunk_max, reference) of (H, nC, 1, B, Dk) tensors: x's chunk maxima, and the reference
+            of each row chunk that all its key chunks are rescaled to.
+    Returns:
+        (H, nC, C, B, D2).
     """
     H, nC, C, B, D2 = x.shape
-    group = max(1, _KEYS_PER_MATMUL // C)
-    out = None
-    for start in range(0, len(lags), group):
-        parts = []
-        for i in range(start, min(start + group, len(lags))):
-            part = _shift(x, 1, lags[i])
-            parts.append(part if key_scales is None else _scale(part, key_scales[i]))
-        keys = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-        w = torch.cat(list(weights[start:start + len(parts)]), dim=-1)  # (Hb, nCb, C, G C)
-        y = w @ keys.view(H, nC, -1, B * D2)
-        out = y if out is None else out + y
-    return out.view(H, nC, C, B, D2)
+    lo, hi = lags[0], lags[-1]
+    L = hi - lo + 1
+    # window l of row chunk i is key chunk i - (hi - l): a strided view over the padded chunks, copied once below
+    padded = F.pad(x, (0, 0, 0, 0, 0, 0, hi, max(0, -lo)))
+    keys = padded.unfold(1, L, 1)[:, :nC].permute(0, 1, 5, 2, 3, 4)  # (H, nC, L, C, B, D2)
+    if key_max is not None:
+        chunk_max, reference = key_max
+        window_max = F.pad(chunk_max, (0, 0, 0, 0, 0, 0, hi, max(0, -lo)), value=float("-inf"))
+        window_max = window_max.unfold(1, L, 1)[:, :nC].permute(0, 1, 5, 2, 3, 4)  # (H, nC, L, 1, B, Dk)
+        keys = _scale(keys, torch.exp(window_max - reference.unsqueeze(2)))
+    w = weights.flip(0).permute(1, 2, 3, 0, 4).reshape(*weights.shape[1:3], C, L * C)
+    return (w @ keys.reshape(H, nC, L * C, B * D2)).view(H, nC, C, B, D2)
 
 
 def _weighted_average(k: Tensor, v: Tensor, bias: Union[Tensor, None], lags: Sequence[int], causal: bool,
@@ -269,23 +274,7 @@ def _weighted_average(k: Tensor, v: Tensor, bias: Union[Tensor, None], lags: Seq
         chunk_max = kc.amax(dim=2, keepdim=True).detach()  # (H, nC, 1, B, Dk)
         e = torch.exp(kc - chunk_max)
         x = torch.cat([e * vc, e], dim=-1)  # relative to each chunk's own max
-        lag_max = [_shift(chunk_max, 1, lag, float("-inf")) for lag in lags]
-        ref = torch.stack(lag_max).amax(dim=0)  # the max of every key within reach of the row chunk
-        if _holds((ref - m).amax() <= _FLOAT32_SAFE_SPREAD):
-            out = _near_blocks(x, weights, lags, [torch.exp(lm - ref) for lm in lag_max])
-            out = _scale(out, torch.exp(ref - m))
-        else:
-            # some row's visible keys are dwarfed by later keys of its own chunk: relative to the chunk max they
-            # would underflow, so that chunk is evaluated row by row against each row's own running max
-            diff = (kc.unsqueeze(2) - m.unsqueeze(3)).masked_fill(~visible.view(chunk, chunk, 1, 1), float("-inf"))
-            own = torch.exp(diff) * weights[0].view(*weights.shape[1:], 1, 1)  # (H, nC, C, C', B, Dk)
-            values = torch.cat([vc, torch.ones_like(vc[..., :1]).expand(*vc.shape[:-1], Dk)], dim=-1)
-            out = _scale(values.unsqueeze(2), own).sum(dim=3)
-            if len(lags) > 1:
-                # earlier chunks are all visible: relative to the running max at the chunk's first row
-                first = m[:, :, :1]
-                scales = [torch.exp(lm - first) for lm in lag_max[1:]]
-                out = out + _scale(_near_blocks(x, weights[1:], lags[1:], scales), torch.exp(first - m))
+        ref = torch.stack([_shift(chunk_max, 1, lag, float("-inf")) for lag in lags]).amax(dim=0)
 
         # chunks beyond reach: prefix sums over chunks, each relative to the running max of chunk maxima
         if nC > reach + 1:
@@ -296,9 +285,32 @@ def _weighted_average(k: Tensor, v: Tensor, bias: Union[Tensor, None], lags: Seq
             exponent = (cmax.unsqueeze(1) - prefix_max.unsqueeze(2)).masked_fill(later, float("-inf"))
             decay = torch.exp(exponent)  # (H, i, j, B, Dk): chunk j's weight in prefix i, 0 for j > i
             prefix = _scale(sums.unsqueeze(1), decay).sum(dim=2)  # (H, nC, B, Dv + Dk)
-            before = _shift(prefix, 1, reach + 1).unsqueeze(2)
-            scale = torch.exp(_shift(prefix_max, 1, reach + 1, float("-inf")).unsqueeze(2) - m)
-            out = out + _scale(before, scale) * outside
+            far = _shift(prefix, 1, reach + 1).unsqueeze(2) * outside
+            far_max = _shift(prefix_max, 1, reach + 1, float("-inf")).unsqueeze(2)  # (H, nC, 1, B, Dk)
+        else:
+            far = far_max = None
+
+        if _holds((ref - m).amax() <= _FLOAT32_SAFE_SPREAD):
+            # every row sees a key within e^60 of its chunk's reference, so one reference per chunk serves all its
+            # rows: numerator and denominator share it, and it cancels in their ratio
+            reference = ref if far_max is None else torch.maximum(ref, far_max)
+            out = _near_blocks(x, weights, lags, (chunk_max, reference))
+            if far is not None:
+                out = out + _scale(far, torch.exp(far_max - reference))
+        else:
+            # some row's visible keys are dwarfed by later keys of its own chunk: relative to the chunk max they
+            # would underflow, so that chunk is evaluated row by row against each row's own running max
+            diff = (kc.unsqueeze(2) - m.unsqueeze(3)).masked_fill(~visible.view(chunk, chunk, 1, 1), float("-inf"))
+            own = torch.exp(diff) * weights[0].view(*weights.shape[1:], 1, 1)  # (H, nC, C, C', B, Dk)
+            values = torch.cat([vc, torch.ones_like(vc[..., :1]).expand(*vc.shape[:-1], Dk)], dim=-1)
+            out = _scale(values.unsqueeze(2), own).sum(dim=3)
+            if len(lags) > 1:
+                # earlier chunks are all visible: relative to the running max at the chunk's first row
+                first = m[:, :, :1]
+                earlier = _near_blocks(x, weights[1:], lags[1:], (chunk_max, first))
+                out = out + _scale(earlier, torch.exp(first - m))
+            if far is not None:
+                out = out + _scale(far, torch.exp(far_max - m))
 
     y = out[..., :Dv] / out[..., Dv:]  # (H, nC, C, B, Dv)
     return y.reshape(H, nC * chunk, B, Dv)[:, :T].permute(2, 0, 1, 3)
