@@ -38,7 +38,8 @@ class WindowedExpSum:
         self.max = torch.full((batch_size, heads), float("-inf"), **kw)
         self.num = torch.zeros(batch_size, heads, channels, **kw)
         self.den = torch.zeros(batch_size, heads, **kw)
-        self.keys = torch.zeros(batch_size, heads, window, **kw)
+        # empty slots hold key -inf: every step reads the whole buffer, so a step costs the same at every position
+        self.keys = torch.full((batch_size, heads, window), float("-inf"), **kw)
         self.values = torch.zeros(batch_size, heads, channels, window, **kw)
         self.positions = torch.zeros(window, dtype=torch.long, device=device)
 
@@ -57,14 +58,13 @@ class WindowedExpSum:
         self.keys[..., slot] = key
         self.values[..., slot] = value
         self.positions[slot] = t
-        n = min(t + 1, self.window)
-        logits = self.keys[..., :n]
+        logits = self.keys
         if self.bias is not None:
-            logits = logits + self.bias(t, self.positions[:n])
+            logits = logits + self.bias(t, self.positions)
         step_max = torch.maximum(self.max, logits.amax(dim=-1))
         weights = torch.exp(logits - step_max[..., None])
         scale = torch.exp(self.max - step_max)
-        num = self.num * scale[..., None] + torch.einsum("bhn,bhcn->bhc", weights, self.values[..., :n])
+        num = self.num * scale[..., None] + torch.einsum("bhn,bhcn->bhc", weights, self.values)
         den = self.den * scale + weights.sum(dim=-1)
         return num / den[..., None]
 
