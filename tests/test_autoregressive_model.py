@@ -10,13 +10,7 @@ from aft_timm.autoregressive.decoding import AftStepper, WindowedExpSum
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster (and torch's GELU is very slow on tiny inputs with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(depth=2, dim=32, bias_dim=8, dropout=0.0)

@@ -23,12 +23,7 @@ MODEL = "enwik8_aft_local32_l24_d256"
 TINY_KWARGS = ["depth=2", "dim=32", "bias_dim=8", "window=8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -104,6 +104,20 @@ def test_peak_memory_sees_the_case_only():
         assert 90 * MiB <= int(peak) < 400 * MiB
 
 
+def test_peak_memory_repeats_and_sees_activations():
+    # Two fresh workers measuring the same case agree: the meter sees live memory, not the allocator's leftovers.
+    # And the materialized Transformer holds at least its softmax outputs (saved for backward) more than the fused
+    # one: layers x heads x T x T floats.
+    context = benchmark._context()
+    cases = [benchmark.Case("ar-train", model, 1024, 1, "cpu", "float32", 0, 1, ar_depth=2)
+             for model in ("transformer-materialized", "transformer-materialized", "transformer")]
+    results = [benchmark._run_worker(case, "memory", context) for case in cases]
+    assert [status for status, _ in results] == ["ok"] * 3
+    explicit, again, fused = (fields["peak_mem_bytes"] for _, fields in results)
+    assert explicit == pytest.approx(again, rel=0.03)
+    assert explicit - fused > 0.9 * 2 * 2 * 1024 * 1024 * 4
+
+
 def _decoder(depth: int = 2) -> torch.nn.Module:
     return autoregressive.create_model("cifar10_transformer_l24_d256", depth=depth, dim=32, num_heads=2,
                                        dropout=0.0, modality="text", seq_len=64)
