@@ -21,23 +21,28 @@ Tasks (``--tasks``):
   recurrent state against the Transformer with a KV cache. Per-token times over the first and the last 100 tokens
   are recorded too (``ms_per_token_first``, ``ms_per_token_last``).
 
-Method: every case (task, model, size) runs in a fresh worker process forked from a server process that has imported
-torch, timm and aft_timm but computed nothing. The worker builds the model and inputs, runs ``--warmup`` untimed
-calls, then ``--repeats`` timed calls (synchronizing CUDA around each); the median time is reported.
+Method: every case (task, model, size) is measured by two fresh worker processes in turn, forked from a server
+process that has imported torch, timm and aft_timm but computed nothing, so that no case inherits another's state.
 
-Peak memory (``peak_mem_bytes``) is the most memory the case held at any moment, above what its worker held before
-the model was built: weights, inputs, activations, gradients, optimizer state, caches and workspace.
+* Speed: the worker builds the model and inputs, runs ``--warmup`` untimed calls, then ``--repeats`` timed calls
+  (synchronizing CUDA around each), more while they add up to less than a second (two with ``--full``), at most 100;
+  ``items_per_s`` is the work of one call over the median time. The process's
+  memory allocator is left as it is: its cost (page faults on memory it hands back and takes again) is part of what a
+  user's process pays.
+* Memory: the worker builds the model and makes one call, or two for training (the second runs with the optimizer
+  state that the first created). ``peak_mem_bytes`` is the most memory the case held at any moment above what the
+  worker held before the model was built: weights, inputs, activations, gradients, optimizer state, caches and
+  workspace.
 
-* CUDA: ``torch.cuda.max_memory_allocated()`` after ``torch.cuda.reset_peak_memory_stats()``, minus the memory
-  allocated at the start.
-* CPU on Linux: before building the model the worker hands the C heap's free pages back to the kernel
-  (``malloc_trim``; otherwise allocations reusing them would not show), then resets the kernel's resident-set
-  high-water mark (writes ``5`` to ``/proc/self/clear_refs``); it reads the mark (``VmHWM``) at the end. Pages of
-  shared libraries that the case's first kernel calls bring in (``RssFile``, ``RssShmem``, never given back while the
-  process lives) are not the case's memory, so peak = VmHWM - RssFile - RssShmem (at the end) - RssAnon (at the
-  start). A fresh process per case means memory that the allocator kept from an earlier case can neither hide nor
-  inflate the peak.
-* CPU elsewhere: the growth of ``ru_maxrss`` during the case (an approximation).
+  - CUDA: ``torch.cuda.max_memory_allocated()`` after ``torch.cuda.reset_peak_memory_stats()``, minus the memory
+    allocated at the start (live tensors, not the caching allocator's reserve).
+  - CPU on Linux: the live memory as the kernel sees it. The worker first makes glibc give every block of 128 KiB or
+    more its own mapping, returned to the kernel when freed (``mallopt(M_MMAP_THRESHOLD)``; by default freed blocks
+    stay resident and are reused unseen), hands free heap pages back (``malloc_trim``), and resets the kernel's
+    resident-set high-water mark (writes ``5`` to ``/proc/self/clear_refs``); it reads the mark (``VmHWM``) at the
+    end. Pages of shared libraries that the first kernel calls bring in (``RssFile``, ``RssShmem``) are not the
+    case's memory, so peak = VmHWM - RssFile - RssShmem (at the end) - RssAnon (at the start).
+  - CPU elsewhere: the growth of ``ru_maxrss`` (an approximation that includes the allocator's reserve).
 
 The default run measures what the package promises (`evaluate_targets`) and prints a summary of those targets, met
 or not, with the numbers. ``--json FILE`` writes one record per case; ``--plot FILE`` draws throughput and
@@ -53,9 +58,11 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -122,12 +129,14 @@ class TaskPlan:
 
 @dataclass(frozen=True)
 class Mode:
-    """A run mode: per-task plans, decoder depth, warm-up calls and timed repeats."""
+    """A run mode: per-task plans, decoder depth, warm-up calls, timed repeats (at least; more while their total time
+    is under `min_seconds`)."""
 
     plans: dict[str, TaskPlan]
     ar_depth: int
     warmup: int
     repeats: int
+    min_seconds: float
 
 
 VISION_QUICK = ("deit_tiny_patch16_224", "aft_full_tiny_patch16_224", "aft_conv_tiny_h32_k11_patch16_224")
@@ -142,7 +151,7 @@ MODES = {
             "ar-train": TaskPlan((1024, 3072, 16384), 1, _AR_ALL, baseline_max_size=3072),
             "ar-generate": TaskPlan((3072,), 1, _AR_GENERATE),
         },
-        ar_depth=4, warmup=1, repeats=3,
+        ar_depth=4, warmup=1, repeats=3, min_seconds=1.0,
     ),
     # The paper's models and sizes (vision batch 256 as in its Table 7; its 24-layer decoders); meant for a GPU.
     "full": Mode(
@@ -152,7 +161,7 @@ MODES = {
             "ar-train": TaskPlan((1024, 2048, 3072, 4096, 8192, 16384), 4, _AR_ALL),
             "ar-generate": TaskPlan((3072,), 1, _AR_GENERATE),
         },
-        ar_depth=24, warmup=2, repeats=5,
+        ar_depth=24, warmup=2, repeats=5, min_seconds=2.0,
     ),
     # Tiny sizes and a few models, for smoke tests: seconds.
     "quick": Mode(
@@ -162,7 +171,7 @@ MODES = {
             "ar-train": TaskPlan((64, 128), 2, _AR_ALL),
             "ar-generate": TaskPlan((32,), 1, _AR_GENERATE),
         },
-        ar_depth=1, warmup=1, repeats=2,
+        ar_depth=1, warmup=1, repeats=2, min_seconds=0.0,
     ),
 }
 
@@ -180,6 +189,7 @@ class Case:
     warmup: int
     repeats: int
     ar_depth: int | None = None
+    min_seconds: float = 0.0
 
     @property
     def baseline(self) -> bool:
@@ -211,8 +221,23 @@ def _release_free_heap() -> None:
         pass
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
+
+
+def _fix_mmap_threshold(size: int = 128 * 1024) -> None:
+    """Makes glibc serve every block of `size` bytes or more with its own mapping, returned to the kernel when freed
+    (by default the threshold grows with freed blocks, and freed memory then stays resident in the heap)."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, size)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
+
+
 class PeakMemory:
     """Measures the peak memory this process uses on `device` from now on (see the module docstring).
+
+    On Linux (CPU) it makes the C heap give every block of 128 KiB or more its own mapping, returned to the kernel
+    when freed, for the rest of the process: the resident set then follows the live tensors, at some cost in speed.
 
     Args:
         device: The device whose memory is measured.
@@ -235,6 +260,7 @@ class PeakMemory:
     @staticmethod
     def _reset_linux_hwm() -> bool:
         """Lowers the resident-set high-water mark to the current resident set; False where that is impossible."""
+        _fix_mmap_threshold()
         _release_free_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -382,7 +408,7 @@ _WARMUP_TOKENS = 64  # length of an untimed warm-up sample
 def _ar_generate_workload(case: Case, device: torch.device, dtype: torch.dtype) -> Workload:
     model = _ar_model(case, device, dtype).eval()
     prompt = torch.empty(case.batch_size, 0, dtype=torch.long, device=device)  # sample from the start token
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     stamps: list[float] = []
 
     def stamp(*_: Any) -> None:  # the output head runs once per sampled token: its calls time every step
@@ -423,16 +449,22 @@ _WORKLOADS = {
 }
 
 
-def measure(case: Case) -> dict[str, Any]:
-    """Builds and times `case` in this process; returns the measured fields of its record."""
-    device, dtype = torch.device(case.device), DTYPES[case.dtype]
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    memory = PeakMemory(device)
-    workload = _WORKLOADS[case.task](case, device, dtype)
+_MAX_REPEATS = 100
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def measure_speed(case: Case) -> dict[str, Any]:
+    """Builds `case` in this process, times it, and returns the speed fields of its record."""
+    device = torch.device(case.device)
+    sync = _synchronizer(device)
+    workload = _WORKLOADS[case.task](case, device, DTYPES[case.dtype])
     for _ in range(case.warmup):
         (workload.warmup_step or workload.step)()
-    seconds = []
-    for _ in range(case.repeats):
+    seconds: list[float] = []
+    while len(seconds) < case.repeats or (sum(seconds) < case.min_seconds and len(seconds) < _MAX_REPEATS):
         sync()
         start = time.perf_counter()
         workload.step()
@@ -441,13 +473,24 @@ def measure(case: Case) -> dict[str, Any]:
     median = statistics.median(seconds)
     return {
         "items_per_s": workload.items_per_step / median,
-        "peak_mem_bytes": memory.peak_bytes(),
         "median_s": median,
         "seconds": seconds,
         "items_per_step": workload.items_per_step,
         "params": workload.params,
         **workload.extra(),
     }
+
+
+def measure_memory(case: Case) -> dict[str, Any]:
+    """Builds `case` in this process and returns the peak memory of building it and making one call, or two for
+    training (the second one runs with the optimizer state that the first created). Changes the process's heap on
+    Linux: run it in a process of its own."""
+    device = torch.device(case.device)
+    memory = PeakMemory(device)
+    workload = _WORKLOADS[case.task](case, device, DTYPES[case.dtype])
+    for _ in range(2 if case.task.endswith("train") else 1):
+        workload.step()
+    return {"peak_mem_bytes": memory.peak_bytes(), "memory_method": memory.method}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,10 +501,10 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
-def _worker(case: Case, conn: Any) -> None:
-    """Worker process entry point: measures `case` and sends (status, fields or error message)."""
+def _worker(case: Case, phase: str, conn: Any) -> None:
+    """Worker process entry point: measures the speed or the memory of `case`; sends (status, fields or error)."""
     try:
-        conn.send(("ok", measure(case)))
+        conn.send(("ok", (measure_speed if phase == "speed" else measure_memory)(case)))
     except Exception as error:  # reported in the case's record, the run goes on
         status = "oom" if _is_out_of_memory(error) else "error"
         conn.send((status, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=-3)}"))
@@ -508,32 +551,39 @@ def _base_record(case: Case) -> dict[str, Any]:
     return record
 
 
-def run_case(case: Case, context: multiprocessing.context.BaseContext | None = None) -> dict[str, Any]:
-    """Measures `case` in a fresh worker process and returns its JSON record."""
-    context = context or _context()
+def _run_worker(case: Case, phase: str, context: multiprocessing.context.BaseContext) -> tuple[str, Any]:
+    """Runs one measurement `phase` of `case` in a fresh worker process; returns (status, fields or error)."""
     worker = importlib.import_module("aft_timm.benchmark")._worker  # by module name, for the forkserver's pickling
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=worker, args=(case, sender), daemon=True)
+    process = context.Process(target=worker, args=(case, phase, sender), daemon=True)
     process.start()
     sender.close()
-    record = _base_record(case)
     try:
-        status, payload = receiver.recv()
+        return receiver.recv()
     except EOFError:  # the worker died without a word: killed (the kernel's out-of-memory killer sends SIGKILL)
         process.join()
-        status = "oom" if process.exitcode == -9 else "error"
-        payload = (f"worker killed by signal {-process.exitcode}" if process.exitcode < 0 else
-                   f"worker exited with code {process.exitcode}") + (" (out of memory?)" if status == "oom" else "")
+        code = process.exitcode
+        if code == -signal.SIGKILL:
+            return "oom", "worker killed by SIGKILL (out of memory?)"
+        return "error", f"worker killed by signal {-code}" if code < 0 else f"worker exited with code {code}"
     except BaseException:  # interrupted: do not leave the worker running
         process.terminate()
         raise
     finally:
         receiver.close()
-    process.join()
-    if status == "ok":
+        process.join()
+
+
+def run_case(case: Case, context: multiprocessing.context.BaseContext | None = None) -> dict[str, Any]:
+    """Measures `case` and returns its JSON record: speed in one fresh worker process, memory in another."""
+    context = context or _context()
+    record = _base_record(case)
+    for phase in ("speed", "memory"):
+        status, payload = _run_worker(case, phase, context)
+        if status != "ok":
+            record.update(status=status, error=payload, items_per_s=None, peak_mem_bytes=None)
+            break
         record.update(payload)
-    else:
-        record.update(status=status, error=payload)
     return record
 
 
@@ -587,7 +637,7 @@ def plan_cases(
         device: ``"cpu"`` or ``"cuda"``.
         dtype: ``"float32"`` or ``"bfloat16"``.
         models: Only these models (timm names for vision tasks, `AR_MODELS` labels for the decoders); a task none of
-            them belongs to keeps its default models only when no name fits any task.
+            them belongs to gets no case.
         sizes: Sizes per task, replacing the mode's (attention baselines then run at every size).
         batch_size: Batch size for every task, replacing the mode's.
         ar_depth: Decoder depth, replacing the mode's.
@@ -605,7 +655,8 @@ def plan_cases(
             for size in task_sizes:
                 case = Case(task, name, size, batch_size or plan.batch_size, device, dtype,
                             run.warmup if warmup is None else warmup, run.repeats if repeats is None else repeats,
-                            (run.ar_depth if ar_depth is None else ar_depth) if task.startswith("ar") else None)
+                            (run.ar_depth if ar_depth is None else ar_depth) if task.startswith("ar") else None,
+                            run.min_seconds)
                 if limit is not None and case.baseline and size > limit:
                     continue
                 cases.append(case)
@@ -641,6 +692,12 @@ def _cell(record: dict[str, Any] | None) -> str:
     return f"{record['items_per_s']:.3g} ({_mib(record['peak_mem_bytes'])} MiB)"
 
 
+def _setting(record: dict[str, Any]) -> str:
+    """Device, dtype, batch size and decoder depth of a record, in words."""
+    setting = f"{record['device']}, {record['dtype']}, batch {record['batch_size']}"
+    return setting + (f", {record['ar_depth']} layers" if record.get("ar_depth") else "")
+
+
 def format_tables(records: Sequence[dict[str, Any]]) -> str:
     """Markdown tables, one per task: a row per model, a column per size, cells 'items/s (peak MiB)'."""
     blocks = []
@@ -650,11 +707,7 @@ def format_tables(records: Sequence[dict[str, Any]]) -> str:
             continue
         sizes = sorted({r["size"] for r in rows})
         models = list(dict.fromkeys(r["model"] for r in rows))
-        first = rows[0]
-        setting = f"{first['device']}, {first['dtype']}, batch {first['batch_size']}"
-        if first["ar_depth"] is not None:
-            setting += f", {first['ar_depth']} layers"
-        lines = [f"**{task}**: {UNITS[task]} (peak memory), {setting}", "",
+        lines = [f"**{task}**: {UNITS[task]} (peak memory), {_setting(rows[0])}", "",
                  "| model | " + " | ".join(f"{s} {SIZE_UNITS[task]}" for s in sizes) + " |",
                  "|---|" + "---:|" * len(sizes)]
         for model in models:
@@ -774,7 +827,7 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> No
                          label=model + (" (baseline)" if "aft" not in model else ""))
             row[0].plot(sizes, [p[1] for p in points], **style)
             row[1].plot(sizes, [max(p[2], 1) / 2**20 for p in points], **style)
-        setting = f"{first['device']}, {first['dtype']}, batch {first['batch_size']}"
+        setting = _setting(first)
         for ax, quantity in zip(row, (UNITS[task], "peak memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -785,8 +838,10 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> No
             sizes = sorted({r["size"] for r in rows})
             ax.set_xticks(sizes, [str(s) for s in sizes])
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
+            plain = FuncFormatter(lambda y, _: f"{y:.0f}" if y >= 1 else f"{y:.2g}")
+            ax.yaxis.set_major_formatter(plain)
+            low, high = ax.get_ylim()
+            ax.yaxis.set_minor_formatter(plain if high / low < 30 else NullFormatter())  # label a narrow range
         row[0].legend(fontsize=7)
     _atomic_write(path, lambda f: figure.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=110))
 
@@ -854,7 +909,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="batch size of every task")
     parser.add_argument("--ar-depth", type=_positive_int, metavar="L", help="layers of the decoders")
     parser.add_argument("--warmup", type=_non_negative_int, metavar="N", help="untimed calls per case")
-    parser.add_argument("--repeats", type=_positive_int, metavar="N", help="timed calls per case (median reported)")
+    parser.add_argument("--repeats", type=_positive_int, metavar="N",
+                        help="timed calls per case, at least (median reported)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write one JSON record per case to FILE")
     parser.add_argument("--plot", type=Path, metavar="FILE", help="draw throughput and memory against size to FILE")
     return parser
@@ -891,6 +947,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("--plot needs matplotlib: pip install 'aft-timm[plot]'")
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark from command-line arguments; returns the exit status (1 when a case failed)."""
     parser = build_parser()
@@ -911,9 +971,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     load, cpus = _load_average(), os.cpu_count() or 1
     if args.device == "cpu" and load is not None and load > cpus / 2:
         log(f"warning: the system load average is {load:.1f} on {cpus} CPUs: other processes compete for them and "
-            f"the numbers will be noisy (each record carries the load average when its case ran)")
+            f"the numbers will be noisy (each record carries the load average when its case ran; OMP_NUM_THREADS=1 "
+            f"keeps threads from waiting on each other, at the cost of parallelism)")
     start = time.perf_counter()
-    records = run_cases(cases, log)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None  # stop the worker too
+    try:
+        records = run_cases(cases, log)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     log(f"done in {time.perf_counter() - start:.0f} s")
     print(format_tables(records))
     targets = [t for t in evaluate_targets(records) if t.met is not None]

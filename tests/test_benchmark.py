@@ -118,6 +118,13 @@ def test_peak_memory_repeats_and_sees_activations():
     assert explicit - fused > 0.9 * 2 * 2 * 1024 * 1024 * 4
 
 
+def test_repeats_fill_the_minimum_time():
+    case = benchmark.Case("ar-train", "aft-simple", 32, 1, "cpu", "float32", warmup=0, repeats=2, ar_depth=1,
+                          min_seconds=0.3)
+    seconds = benchmark.measure_speed(case)["seconds"]
+    assert len(seconds) > 2 and sum(seconds) >= 0.3 and sum(seconds[:-1]) < 0.3
+
+
 def _decoder(depth: int = 2) -> torch.nn.Module:
     return autoregressive.create_model("cifar10_transformer_l24_d256", depth=depth, dim=32, num_heads=2,
                                        dropout=0.0, modality="text", seq_len=64)
