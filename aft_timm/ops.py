@@ -24,7 +24,7 @@ How the operators stay exact, stable and linear in memory:
 * aft_conv2d is a depth-wise convolution of exp(k) v and exp(k) with exp(w) - 1 plus a global sum, or, for kernels
   with weights below -3 (where that sum would cancel), a direct kernel box plus cancellation-free sums outside it.
 """
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -193,7 +193,8 @@ def _toeplitz_blocks(w: Tensor, lags: Sequence[int], chunk: int, causal: bool) -
     return blocks.transpose(0, 1).unsqueeze(2)
 
 
-def _near_blocks(x: Tensor, weights: Tensor, lags: Sequence[int], key_max: Union[Tensor, None] = None) -> Tensor:
+def _near_blocks(x: Tensor, weights: Tensor, lags: Sequence[int],
+                 key_max: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """sum over lags of weights[l] @ (key chunk i - lags[l]) for every row chunk i, as one batched matmul.
 
     Args:
