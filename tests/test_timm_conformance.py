@@ -4,7 +4,7 @@ timm selects models for its tests by its own name filters and module lists, whic
 so this file calls timm's test functions on our models directly. timm's test files are not committed here: run
 `python tests/fetch_timm_tests.py` once to fetch those of the installed timm version into tests/.timm_upstream/.
 
-Every check runs on all ten models, except timm's slow prune contract: once per token mixer (see below).
+Every check runs on all ten models, timm's slow prune contract included.
 Not run: test_model_load_pretrained / test_model_features_pretrained (they download weights; the DeiT warm start
 is tested offline in test_vision_models.py and through a local Hub in the Hub tests).
 """
@@ -86,13 +86,8 @@ def test_timm_model_checks(upstream: ModuleType, check: str, model_name: str) ->
     CHECKS[check](upstream, model_name)
 
 
-# timm's prune contract prunes and re-runs the model at every block (timm keeps it out of its own CI as slow); the
-# pruning code path depends on the token mixer, not on width, heads or kernel size: one model per mixer covers it
-PRUNE_CONTRACT_MODELS = [
-    'aft_full_tiny_patch16_224', 'aft_simple_tiny_patch16_224', 'aft_conv_tiny_h32_k11_patch16_224']
-
-
-@pytest.mark.parametrize('model_name', PRUNE_CONTRACT_MODELS)
+# timm's prune contract prunes and re-runs the model at every block (timm keeps it out of its own CI as slow)
+@pytest.mark.parametrize('model_name', AFT_MODELS)
 def test_timm_prune_intermediate_layers_contract(upstream: ModuleType, model_name: str) -> None:
     _run(upstream.test_prune_intermediate_layers_contract, model_name)
 
