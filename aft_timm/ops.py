@@ -101,6 +101,11 @@ def _holds(condition: Tensor) -> bool:
     return condition.device.type == "meta" or bool(condition)
 
 
+def _exp_from_max(x: Tensor, dim: Union[int, Tuple[int, ...]]) -> Tensor:
+    """exp(x - max of x over dim): a constant along dim cancels in AFT's ratio, and every value is <= 1."""
+    return torch.exp(x - x.amax(dim=dim, keepdim=True).detach())
+
+
 def _compute_dtype(*xs: Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
@@ -259,8 +264,7 @@ def _weighted_average(k: Tensor, v: Tensor, bias: Union[Tensor, None], lags: Seq
     reach = max(abs(lag) for lag in lags)  # chunks beyond this lag only see the weight exp(-r)
 
     if not causal:
-        k_max = kc.amax(dim=(1, 2), keepdim=True).detach()
-        e = torch.exp(kc - k_max)
+        e = _exp_from_max(kc, (1, 2))
         x = torch.cat([e * vc, e], dim=-1)  # (H, nC, C, B, Dv + Dk)
         out = _near_blocks(x, weights, lags)
         if nC > reach + 1:
@@ -364,9 +368,8 @@ def aft_full(q: Tensor, k: Tensor, v: Tensor, w: PositionBias, causal: bool = Fa
         return _sequence_op(q, k, v, _bias_blocks(w, T, T, True), T, True)
     dtype = _compute_dtype(q, k, v)
     dense = w[0].to(dtype) @ w[1].to(dtype).T if isinstance(w, (tuple, list)) else w.to(dtype)
-    weights = torch.exp(dense - dense.amax(dim=1, keepdim=True).detach())  # (T, T), batch-free
-    kf = k.to(dtype)
-    e = torch.exp(kf - kf.amax(dim=1, keepdim=True).detach())
+    weights = _exp_from_max(dense, 1)  # (T, T), batch-free
+    e = _exp_from_max(k.to(dtype), 1)
     x = torch.cat([e * v.to(dtype), e], dim=-1)  # (B, T, 2D)
     # one (T, T) @ (T, B * 2D) product: a batched matmul would broadcast exp(w) over the batch
     num_den = (weights @ x.transpose(0, 1).reshape(T, -1)).view(T, B, 2 * D).transpose(0, 1)
@@ -411,8 +414,7 @@ def aft_simple(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
     if causal:
         return _sequence_op(q, k, v, None, 0, True)
     dtype = _compute_dtype(q, k, v)
-    kf = k.to(dtype)
-    e = torch.exp(kf - kf.amax(dim=1, keepdim=True).detach())
+    e = _exp_from_max(k.to(dtype), 1)
     y = (e * v.to(dtype)).sum(dim=1, keepdim=True) / e.sum(dim=1, keepdim=True)
     return (torch.sigmoid(q.to(dtype)) * y).to(q.dtype)
 
@@ -485,8 +487,7 @@ def aft_conv2d(q: Tensor, k: Tensor, v: Tensor, w: Tensor) -> Tensor:
     dtype = _compute_dtype(q, k, v, w)
     B, _, C, X, Y = q.shape
     # channels-last (B, X, Y, H, C): the depth-wise convolution is much faster in that layout
-    kf = k.to(dtype).permute(0, 2, 3, 1)
-    e = torch.exp(kf - kf.amax(dim=(1, 2), keepdim=True).detach()).unsqueeze(-1)  # (B, X, Y, H, 1)
+    e = _exp_from_max(k.to(dtype).permute(0, 2, 3, 1), (1, 2)).unsqueeze(-1)  # (B, X, Y, H, 1)
     x = torch.cat([e * v.to(dtype).permute(0, 3, 4, 1, 2), e], dim=-1)  # (B, X, Y, H, C + 1)
 
     wf = w.to(dtype)
