@@ -61,7 +61,6 @@ import platform
 import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -76,6 +75,7 @@ from torch import nn
 
 import aft_timm
 from aft_timm import autoregressive
+from aft_timm._io import write_atomic
 from aft_timm.autoregressive.attention import CausalSelfAttention
 
 __all__ = ["Case", "TASKS", "main", "run_cases", "plan_cases", "evaluate_targets", "format_tables", "write_plot"]
@@ -843,25 +843,12 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> No
             low, high = ax.get_ylim()
             ax.yaxis.set_minor_formatter(plain if high / low < 30 else NullFormatter())  # label a narrow range
         row[0].legend(fontsize=7)
-    _atomic_write(path, lambda f: figure.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=110))
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
-    """Writes through `write(file)` into a temporary file beside `path`, then renames it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: figure.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=110))
 
 
 def write_json(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Writes the records as a JSON list, one object per case."""
-    _atomic_write(path, lambda f: f.write(json.dumps(list(records), indent=1).encode()))
+    write_atomic(path, lambda f: f.write(json.dumps(list(records), indent=1).encode()))
 
 
 # ----------------------------------------------------------------------------------------------------------------

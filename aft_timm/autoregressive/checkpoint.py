@@ -16,6 +16,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from .._io import write_atomic
 from .model import Decoder, DecoderConfig
 
 CONFIG_FILE = "config.json"
@@ -28,19 +29,6 @@ HUB_PREFIX = "hf-hub:"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model: Decoder, training_state: dict[str, Any],
@@ -67,7 +55,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: Decoder, training_state: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(run_dir / LATEST_FILE, name + "\n")
+    write_atomic(run_dir / LATEST_FILE, lambda f: f.write(f"{name}\n".encode()))
     for old in sorted(run_dir.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
